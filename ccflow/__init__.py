@@ -1,0 +1,9 @@
+"""ccflow: count cells in fluorescence microscopy images.
+
+Trains a segmentation network with Ray Train, tracks experiments and model versions in
+MLflow, and counts cells over folders of images with overlays that explain each count.
+"""
+
+__version__ = "0.1.0"
+
+REGISTERED_MODEL_NAME = "ccflow-cell-counter"
