@@ -222,15 +222,17 @@ def _log_setup(
     val_samples: list[Sample],
     fingerprint: str,
 ) -> None:
-    mlflow.log_params(config.to_params())
-    mlflow.log_params(
-        {
-            "data_dir": str(data_dir.resolve()),
-            "n_train_images": len(train_samples),
-            "n_val_images": len(val_samples),
-            "parameters": count_parameters(build_model(config.arch, config.base_width)),
-        }
-    )
+    params = {
+        **config.to_params(),
+        "data_dir": str(data_dir.resolve()),
+        "n_train_images": len(train_samples),
+        "n_val_images": len(val_samples),
+        "parameters": count_parameters(build_model(config.arch, config.base_width)),
+    }
+    # `mlflow run` has already logged the MLproject parameters as the user typed them
+    # ("9" where ccflow would write "9.0"), and MLflow rejects a changed value.
+    already_logged = mlflow.active_run().data.params
+    mlflow.log_params({k: v for k, v in params.items() if k not in already_logged})
     mlflow.set_tag("data_fingerprint", fingerprint)
     mlflow.log_dict(
         {
