@@ -27,6 +27,8 @@ from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 
+from ccflow.postprocess import validate_labels
+
 logger = logging.getLogger(__name__)
 
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -65,24 +67,9 @@ class MatchResult(NamedTuple):
     fn: int
 
 
-def _check_labels(labels: np.ndarray, name: str) -> None:
-    if not isinstance(labels, np.ndarray) or labels.ndim != 2:
-        raise TypeError(
-            f"{name} must be a 2-D integer label image (H, W), "
-            f"got shape {getattr(labels, 'shape', None)}"
-        )
-    if labels.dtype == bool or not np.issubdtype(labels.dtype, np.integer):
-        raise TypeError(
-            f"{name} must have an integer dtype with 0 = background, got {labels.dtype}; "
-            "convert a bool mask with label_mask first"
-        )
-    if labels.size and labels.min() < 0:
-        raise ValueError(f"{name} must not contain negative labels, got minimum {labels.min()}")
-
-
 def _check_label_pair(true_labels: np.ndarray, pred_labels: np.ndarray) -> None:
-    _check_labels(true_labels, "true_labels")
-    _check_labels(pred_labels, "pred_labels")
+    validate_labels(true_labels, "true_labels")
+    validate_labels(pred_labels, "pred_labels")
     if true_labels.shape != pred_labels.shape:
         raise ValueError(
             f"true_labels and pred_labels must have the same shape, got {true_labels.shape} "

@@ -161,7 +161,8 @@ def _check_probability(probability: np.ndarray, name: str = "probability") -> No
         )
 
 
-def _check_labels(labels: np.ndarray, name: str = "labels") -> None:
+def validate_labels(labels: np.ndarray, name: str = "labels") -> None:
+    """Raise TypeError or ValueError unless ``labels`` is a 2-D non-negative integer label image."""
     if not isinstance(labels, np.ndarray) or labels.ndim != 2:
         raise TypeError(
             f"{name} must be a 2-D integer label image (H, W), "
@@ -296,7 +297,7 @@ def relabel_consecutive(labels: np.ndarray) -> np.ndarray:
     numpy.ndarray
         int32 (H, W) labels.
     """
-    _check_labels(labels)
+    validate_labels(labels)
     relabelled, _, _ = relabel_sequential(labels)
     return relabelled.astype(np.int32)
 
@@ -407,7 +408,7 @@ def measure_cells(labels: np.ndarray, probability: np.ndarray) -> pd.DataFrame:
     ValueError
         If the two arrays differ in shape or ``probability`` is outside [0, 1].
     """
-    _check_labels(labels)
+    validate_labels(labels)
     _check_probability(probability)
     if labels.shape != probability.shape:
         raise ValueError(
@@ -457,6 +458,6 @@ def count_cells(labels: np.ndarray) -> int:
     int
         Number of cells.
     """
-    _check_labels(labels)
+    validate_labels(labels)
     ids = np.unique(labels)
     return int(np.count_nonzero(ids))
