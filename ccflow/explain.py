@@ -35,8 +35,15 @@ def default_target_layer(model: nn.Module) -> nn.Module:
     Returns
     -------
     torch.nn.Module
-        The last, full-resolution decoder level of a c-ResUnet, or the last block of an
-        smp decoder that has ``blocks`` (U-Net family), else the whole smp decoder.
+        The second-to-last decoder level of a c-ResUnet (half resolution), or the
+        second-to-last block of an smp decoder that has ``blocks`` (U-Net family), else
+        the whole smp decoder.
+
+    Notes
+    -----
+    The last decoder level feeds a 1x1 head, so Grad-CAM there only redraws the predicted
+    probability map. One level up, the heatmap also shows the surrounding evidence the
+    network used, at half the resolution.
 
     Raises
     ------
@@ -44,12 +51,12 @@ def default_target_layer(model: nn.Module) -> nn.Module:
         If the model is neither of these, so the caller has to pass a target layer.
     """
     if isinstance(model, CResUNet):
-        return model.decoder_levels[-1]
+        return model.decoder_levels[-2]
     decoder = getattr(model, "decoder", None)
     if isinstance(decoder, nn.Module):
         blocks = getattr(decoder, "blocks", None)
-        if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks) > 0:
-            return blocks[-1]
+        if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks) > 1:
+            return blocks[-2]
         return decoder
     raise ValueError(
         f"cannot choose a Grad-CAM target layer for a {type(model).__name__}, which has no "
@@ -143,8 +150,9 @@ def gradcam_heatmap(
     -----
     With a 1x1 convolution head, as in c-ResUnet, the Grad-CAM map of the last decoder
     level is ReLU(logit - head bias) rescaled to [0, 1], so it mostly redraws the
-    prediction. Pass ``target_layer=model.bottleneck`` for a coarse map, at 1/8
-    resolution, of the context that raised the foreground logit.
+    prediction; that is why the default target is one level up. Pass
+    ``target_layer=model.bottleneck`` for a coarse map, at 1/8 resolution, of the context
+    that raised the foreground logit.
     """
     image = validate_float_image(image)
     if not (math.isfinite(scale) and scale > 0):

@@ -204,8 +204,8 @@ def test_default_target_layers(smp_unet: nn.Module) -> None:
     c_resunet = tiny_model()
     fpn = build_model("fpn-resnet18")
 
-    assert default_target_layer(c_resunet) is c_resunet.decoder_levels[-1]
-    assert default_target_layer(smp_unet) is smp_unet.decoder.blocks[-1]
+    assert default_target_layer(c_resunet) is c_resunet.decoder_levels[-2]
+    assert default_target_layer(smp_unet) is smp_unet.decoder.blocks[-2]
     assert default_target_layer(fpn) is fpn.decoder
     with pytest.raises(ValueError, match="Pass target_layer"):
         default_target_layer(nn.Conv2d(3, 1, 1))
