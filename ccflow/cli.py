@@ -19,7 +19,7 @@ app = typer.Typer(
 logger = logging.getLogger("ccflow")
 
 DataOption = Annotated[
-    Optional[Path],
+    Optional[str],
     typer.Option(
         help="Dataset folder with images/ and masks/ (PNG or TIFF). Empty or omitted: "
         "train on generated synthetic images.",
@@ -33,6 +33,15 @@ def _configure_logging(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+def data_folder(value: str | None) -> Path | None:
+    """Return the dataset folder, or None for synthetic data when the value is empty.
+
+    `mlflow run` passes the MLproject default ``data=""`` as an empty argument, which
+    must select synthetic data rather than the current folder.
+    """
+    return Path(value) if value and value.strip() else None
 
 
 def _parse_threshold(value: str) -> float | str:
@@ -125,7 +134,7 @@ def train(
     from ccflow.train import train as run_training
 
     config = TrainConfig(
-        data=data if data and str(data) else None,
+        data=data_folder(data),
         arch=arch,
         base_width=base_width,
         loss=loss,

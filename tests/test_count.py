@@ -2,6 +2,7 @@
 
 import base64
 import shutil
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -113,3 +114,11 @@ def test_list_images_rejects_empty_folder(tmp_path):
 def test_list_images_rejects_missing_folder(tmp_path):
     with pytest.raises(DatasetError, match="not found"):
         list_images(tmp_path / "absent")
+
+
+def test_empty_data_option_means_synthetic():
+    from ccflow.cli import data_folder
+
+    assert data_folder("") is None
+    assert data_folder(None) is None
+    assert data_folder("images") == Path("images")
