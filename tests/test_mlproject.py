@@ -14,10 +14,13 @@ from tests.conftest import REPO_ROOT
 pytestmark = pytest.mark.slow
 
 
-def test_mlflow_run_trains_and_registers(fnc_sample_dir, tmp_path):
+def test_mlflow_run_trains_and_registers(fnc_sample_dir, tmp_path, mlflow_backend):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # mlflow.set_experiment, set_tracking_uri and set_registry_uri export MLFLOW_*
+    # variables naming the session's backend; the run must see only its own.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env = {
-        **os.environ,
+        **inherited,
         "MLFLOW_TRACKING_URI": uri,
         # `mlflow run --env-manager local` runs `python` from PATH: this interpreter.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
