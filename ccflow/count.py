@@ -26,19 +26,12 @@ from tqdm import tqdm
 from ccflow.counter import CellCounter
 from ccflow.data import IMAGE_SUFFIXES, read_image
 from ccflow.errors import CcflowError, DatasetError
+from ccflow.postprocess import MEASURE_COLUMNS
 
 logger = logging.getLogger(__name__)
 
 COUNTS_COLUMNS = ["file", "count", "mean_probability", "width", "height", "status", "error"]
-CELLS_COLUMNS = [
-    "file",
-    "cell_id",
-    "centroid_x",
-    "centroid_y",
-    "area_px",
-    "equivalent_diameter_px",
-    "mean_probability",
-]
+CELLS_COLUMNS = ["file", *MEASURE_COLUMNS]
 
 
 @dataclass
