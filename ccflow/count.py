@@ -52,7 +52,7 @@ def list_images(input_dir: Path) -> list[Path]:
     Raises
     ------
     ccflow.errors.DatasetError
-        The folder does not exist or holds no PNG or TIFF files.
+        The folder does not exist or contains no PNG or TIFF files.
     """
     input_dir = Path(input_dir)
     if not input_dir.is_dir():

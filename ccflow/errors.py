@@ -10,4 +10,4 @@ class ImageReadError(CcflowError):
 
 
 class DatasetError(CcflowError):
-    """A dataset folder is missing, empty, or holds images and masks that do not match."""
+    """A dataset folder is missing, empty, or contains images and masks that do not match."""

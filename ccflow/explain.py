@@ -150,7 +150,7 @@ def gradcam_heatmap(
     -----
     With a 1x1 convolution head, as in c-ResUnet, the Grad-CAM map of the last decoder
     level is ReLU(logit - head bias) rescaled to [0, 1], so it mostly redraws the
-    prediction; that is why the default target is one level up. Pass
+    prediction. That is why the default target is one level up. Pass
     ``target_layer=model.bottleneck`` for a coarse map, at 1/8 resolution, of the context
     that raised the foreground logit.
     """

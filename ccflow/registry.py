@@ -1,6 +1,6 @@
 """Log ccflow models to MLflow as pyfunc models, register them and load them back.
 
-A logged model holds the network weights as an artifact and, as its model config, the
+A logged model contains the network weights as an artifact and, as its model config, the
 architecture, the resampling scale, the tile size and the post-processing parameters
 (the threshold included), so that every consumer counts the same way.
 """
@@ -33,8 +33,8 @@ logger = logging.getLogger(__name__)
 IMAGE_COLUMN = "image"
 WEIGHTS_ARTIFACT = "weights"
 
-# The model needs the same libraries as ccflow itself; ccflow is installed from its own
-# repository, so it is not listed here (it is not on a package index).
+# The model needs the same libraries as ccflow itself. ccflow is not listed because it is
+# installed from its own repository, not from a package index.
 PIP_REQUIREMENTS = [
     "torch==2.14.1",
     "torchvision==0.29.1",
@@ -211,8 +211,10 @@ def _as_bytes(data: Any) -> bytes:
         try:
             return base64.b64decode(data, validate=True)
         except ValueError as error:
-            raise ImageReadError("the image column holds text that is not base64") from error
-    raise ImageReadError(f"the image column holds {type(data).__name__}, expected bytes")
+            raise ImageReadError("invalid image column: the text is not base64; send PNG or TIFF bytes") from error
+    raise ImageReadError(
+        f"invalid image column: got {type(data).__name__}, expected PNG or TIFF bytes"
+    )
 
 
 def _describe(config: dict, tags: dict[str, str]) -> str:
