@@ -7,3 +7,8 @@ MLflow, and counts cells over folders of images with overlays that explain each 
 __version__ = "0.1.0"
 
 REGISTERED_MODEL_NAME = "ccflow-cell-counter"
+
+# Registry aliases: jobs and serving use the champion by default; new candidates are
+# registered as the challenger and reach champion only through `ccflow promote` or the UI.
+CHAMPION_ALIAS = "champion"
+CHALLENGER_ALIAS = "challenger"
