@@ -6,6 +6,10 @@ from pathlib import Path
 # albumentations queries pypi.org for its latest version on import unless this is set;
 # the tests must not reach any outside host.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# MLflow 3 sends usage telemetry unless one of these is set; servers started by the tests
+# inherit them.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
 
 import pytest
 
