@@ -14,7 +14,7 @@ from ccflow.cli import app
 from ccflow.count import count_folder, list_images
 from ccflow.errors import DatasetError
 from ccflow.registry import load_counter
-from tests.conftest import FNC_SAMPLE_COUNTS
+from tests.conftest import FNC_SAMPLE_COUNTS, TEST_EXPERIMENT
 
 pytestmark = pytest.mark.slow
 
@@ -35,9 +35,14 @@ def counted(folder_with_corrupt_file, trained_fnc_model, tmp_path_factory):
     output = tmp_path_factory.mktemp("count-output")
     result = CliRunner().invoke(
         app,
-        ["count", str(folder_with_corrupt_file), str(output), "--model", trained_fnc_model.model_uri],
+        [
+            "count", str(folder_with_corrupt_file), str(output), "--model", trained_fnc_model.model_uri,
+            "--experiment", TEST_EXPERIMENT, "--no-energy",
+        ],
     )
-    assert result.exit_code == 0, result.output
+    # Exit code 1: one image failed, the others were counted.
+    assert result.exit_code == 1, result.output
+    assert "Counted 4 images (1 failed" in result.output
     return output
 
 
@@ -104,6 +109,13 @@ def test_count_folder_without_overlays(trained_fnc_model, fnc_sample_dir, tmp_pa
     assert summary.counted == 4
     assert summary.failed == 0
     assert not any((tmp_path / "overlays").iterdir())
+
+
+def test_ledger_lists_every_image(counted):
+    ledger = pd.read_csv(counted / "ledger.csv")
+
+    assert sorted(ledger["file"]) == sorted([f"{n}.png" for n in FNC_SAMPLE_COUNTS] + ["broken.png"])
+    assert (ledger["sha256"].str.len() == 64).all()
 
 
 def test_list_images_rejects_empty_folder(tmp_path):
