@@ -8,12 +8,11 @@ architecture, the resampling scale, the tile size and the post-processing parame
 from __future__ import annotations
 
 import base64
-import io
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
+import cv2
 import mlflow
 import numpy as np
 import pandas as pd
@@ -21,16 +20,15 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-from skimage.io import imsave
 
 from ccflow.counter import CellCounter
 from ccflow.data import decode_image
 from ccflow.errors import ImageReadError
 from ccflow.postprocess import PostprocessConfig
+from ccflow.serving import IMAGE_COLUMN, RequestError, RequestLimits, check_frame, image_bytes
 
 logger = logging.getLogger(__name__)
 
-IMAGE_COLUMN = "image"
 WEIGHTS_ARTIFACT = "weights"
 
 # The model needs the same libraries as ccflow itself. ccflow is not listed because it is
@@ -68,28 +66,35 @@ class CellCounterModel(mlflow.pyfunc.PythonModel):
     JSON requests to a served model). Output: one row per image with ``count``,
     ``mean_probability``, ``cells`` (JSON list of per-cell rows) and, when the parameter
     ``overlay`` is true, ``overlay`` (base64 PNG with outlines and the Grad-CAM heatmap).
+
+    A request without images, with a wrong column, over the limits of
+    :class:`ccflow.serving.RequestLimits` or with an image that does not decode raises
+    ``MlflowException`` with ``INVALID_PARAMETER_VALUE``, which the scoring server returns
+    as HTTP 400 with the message. All images are checked and decoded before the first one
+    is counted.
     """
 
     def load_context(self, context) -> None:
         self.counter = CellCounter.from_files(
             Path(context.artifacts[WEIGHTS_ARTIFACT]), context.model_config
         )
+        self.limits = RequestLimits.from_environment()
 
     def predict(self, context, model_input, params=None):
-        if IMAGE_COLUMN not in model_input.columns:
-            raise MlflowException(
-                f"Missing column {IMAGE_COLUMN!r} in the request; found "
-                f"{list(model_input.columns)}. Send each image as encoded PNG or TIFF bytes "
-                f"in a column named {IMAGE_COLUMN!r}.",
-                error_code=INVALID_PARAMETER_VALUE,
-            )
         explain = bool((params or {}).get("overlay", False))
+        # Models pickled before the limits existed have no `limits` attribute.
+        limits = getattr(self, "limits", None) or RequestLimits.from_environment()
+        try:
+            column = check_frame(model_input, limits)
+            images = [
+                decode_image(image_bytes(value, position, limits), f"row {position}")
+                for position, value in enumerate(column)
+            ]
+        except (RequestError, ImageReadError) as error:
+            raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from error
+
         rows = []
-        for position, data in enumerate(model_input[IMAGE_COLUMN]):
-            try:
-                image = decode_image(_as_bytes(data), f"row {position}")
-            except ImageReadError as error:
-                raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from error
+        for image in images:
             result = self.counter.count(image, explain=explain)
             row = {
                 "count": result.count,
@@ -197,24 +202,32 @@ def load_counter(model_uri: str) -> CellCounter:
 
 
 def encode_png(image: np.ndarray) -> bytes:
-    """Encode a uint8 image as PNG bytes."""
-    buffer = io.BytesIO()
-    imsave(buffer, image, extension=".png", check_contrast=False)
-    return buffer.getvalue()
+    """Encode an image as PNG bytes.
 
+    Parameters
+    ----------
+    image : ndarray, uint8 or uint16, shape (H, W) or (H, W, 3) in RGB order
+        The image to encode.
 
-def _as_bytes(data: Any) -> bytes:
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        return bytes(data)
-    if isinstance(data, str):
-        # Clients that skip the signature may send base64 text.
-        try:
-            return base64.b64decode(data, validate=True)
-        except ValueError as error:
-            raise ImageReadError("invalid image column: the text is not base64; send PNG or TIFF bytes") from error
-    raise ImageReadError(
-        f"invalid image column: got {type(data).__name__}, expected PNG or TIFF bytes"
-    )
+    Raises
+    ------
+    ValueError
+        The image has another dtype or shape, or OpenCV cannot encode it.
+    """
+    image = np.asarray(image)
+    if image.dtype not in (np.uint8, np.uint16) or not (
+        image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)
+    ):
+        raise ValueError(
+            f"Cannot encode an image of dtype {image.dtype} and shape {image.shape} as PNG: "
+            "expected uint8 or uint16, shape (H, W) or (H, W, 3)."
+        )
+    # OpenCV writes colour images in BGR order.
+    bgr = image[:, :, ::-1] if image.ndim == 3 else image
+    ok, buffer = cv2.imencode(".png", np.ascontiguousarray(bgr))
+    if not ok:
+        raise ValueError(f"OpenCV failed to encode an image of shape {image.shape} as PNG.")
+    return buffer.tobytes()
 
 
 def _describe(config: dict, tags: dict[str, str]) -> str:
