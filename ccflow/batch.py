@@ -5,11 +5,15 @@ The job behind ``ccflow count`` and ``jobs/nightly_count.py``:
 1. lists the PNG and TIFF objects under INPUT on the driver (names, sizes, fingerprints)
    and leaves out those that the ledger records with the same fingerprint;
 2. reads the bytes of each image in Ray tasks;
-3. decodes, counts and post-processes the images in a pool of actors that each load the
-   model once, and writes the overlays to ``OUTPUT/overlays/`` from there;
+3. decodes the images in a pool of actors that each load the model once. Each actor
+   checks a batch against the ``counting`` suite in one Great Expectations run, counts
+   and post-processes the valid images, adds them to its drift histograms, and writes
+   the overlays to ``OUTPUT/overlays/``;
 4. streams the result rows back to the driver, which appends them to one ``counts.csv``
-   and one ``cells.csv`` and records each finished image in ``ledger.csv``;
-5. writes a run manifest to ``OUTPUT/runs/`` and logs the same figures to an MLflow run.
+   and one ``cells.csv``, records each finished image in ``ledger.csv`` and merges the
+   drift histograms that come with each batch;
+5. scores the drift of the counted images against the reference profile of the model,
+   writes a run manifest to ``OUTPUT/runs/`` and logs the same figures to an MLflow run.
 
 Incremental and resumable: ``ledger.csv`` lists every finished image (name, fingerprint,
 SHA-256 of the content, status). A later run over the same INPUT and OUTPUT counts only
@@ -18,6 +22,14 @@ image reaches the ledger. At start-up the job drops every CSV row whose image th
 does not list as finished. So a run killed midway and started again ends with each image
 exactly once. For bucket outputs the three files are kept in a local working
 folder and uploaded every ``upload_interval_s`` seconds and at the end, the ledger last.
+
+Invalid images are finished images too: the ledger lists them with status ``invalid``,
+so an unchanged invalid file is not checked again every night. A new version of the file
+is checked again. After editing the suite, run once with ``recount`` to check every
+image again.
+
+NOTE: the drift of a run that was killed and started again covers only the images that
+the second start counted.
 """
 
 from __future__ import annotations
@@ -39,9 +51,11 @@ from typing import Any
 
 import pandas as pd
 
-from ccflow.count import CELLS_COLUMNS, COUNTS_COLUMNS, ImageOutcome, count_image, overlay_name
+from ccflow.count import CELLS_COLUMNS, COUNTS_COLUMNS, ImageOutcome, count_images, overlay_name
 from ccflow.data import IMAGE_SUFFIXES
+from ccflow.drift import DEFAULT_THRESHOLD, DriftAccumulator, DriftReport
 from ccflow.energy import DEFAULT_COUNTRY
+from ccflow.errors import CcflowError
 from ccflow.storage import (
     Location,
     ObjectReadError,
@@ -50,6 +64,7 @@ from ccflow.storage import (
     StorageOptions,
     open_storage,
 )
+from ccflow.validation import ImageValidator, SuiteError
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +72,7 @@ COUNTS_FILE = "counts.csv"
 CELLS_FILE = "cells.csv"
 LEDGER_FILE = "ledger.csv"
 LEDGER_COLUMNS = ["file", "fingerprint", "sha256", "status", "finished_at"]
-STAGES = ("read", "decode", "count", "overlay")
+STAGES = ("read", "decode", "validate", "count", "drift", "overlay")
 
 # Reading is network or disk bound. Read tasks reserve no CPU, because actors that hold
 # every CPU of the cluster would otherwise keep them from being scheduled.
@@ -103,6 +118,11 @@ class CountJobConfig:
         Electricity grid for the CO2 estimate (ISO 3166-1 alpha-3).
     upload_interval_s : float
         Seconds between uploads of the CSV files and the ledger to a bucket output.
+    validate : bool
+        Check every image against the ``counting`` suite and leave invalid ones uncounted.
+    drift_threshold : float
+        The run is tagged ``drift_flagged=true`` when its overall drift (largest
+        per-feature PSI) exceeds this value; raise it to flag fewer runs.
     """
 
     input: str
@@ -119,6 +139,8 @@ class CountJobConfig:
     energy: bool = True
     country_iso_code: str = DEFAULT_COUNTRY
     upload_interval_s: float = 60.0
+    validate: bool = True
+    drift_threshold: float = DEFAULT_THRESHOLD
 
 
 @dataclass
@@ -166,6 +188,13 @@ def run_count_job(config: CountJobConfig, counter=None) -> dict[str, Any]:
         lacking, or a storage call still failed after its retries.
     mlflow.exceptions.MlflowException
         The model cannot be loaded.
+    ccflow.validation.SuiteError
+        The suite files of the ``counting`` suite are missing or cannot be evaluated.
+
+    Notes
+    -----
+    A model whose training run logged no drift reference profile is counted as usual:
+    the job logs a warning, and the manifest and the MLflow run carry no drift score.
     """
     _check_config(config)
     started_at = datetime.now(timezone.utc)
@@ -184,25 +213,34 @@ def run_count_job(config: CountJobConfig, counter=None) -> dict[str, Any]:
         from ccflow.registry import load_counter
 
         counter = load_counter(config.model_uri)
+    validator = None
+    if config.validate:
+        # Created here so that missing suite files stop the job before any work. Ray
+        # pickles it into each actor without its GX context, which each actor rebuilds.
+        validator = ImageValidator("counting")
 
     work_dir, temporary = _working_folder(output_location)
     try:
         outputs = _OutputFiles(work_dir, output_storage, config.upload_interval_s)
         outputs.fetch()
         totals, todo = _plan(input_storage, outputs, output_location, input_location, config.recount)
+        reference, drift_reason = _drift_reference(config.model_uri) if todo else (None, "no images to count")
+        drift = DriftAccumulator() if reference is not None else None
         run_name = started_at.strftime("%Y%m%dT%H%M%SZ")
         with _energy_tracking(config, work_dir / "runs") as tracking:
             started = time.monotonic()
             if todo:
-                _count(todo, config, options, counter, input_location, output_location, outputs, totals)
+                _count(todo, config, options, counter, validator, drift, input_location, output_location, outputs, totals)
             else:
                 logger.info("No new or changed images under %s; nothing to count", input_location)
             seconds = time.monotonic() - started
         outputs.sync(force=True)
 
+        drift_report, drift_reason = _score_drift(drift, reference, config.drift_threshold, drift_reason)
         energy = tracking.report if tracking is not None else None
         manifest = _manifest(config, model, input_location, output_location, started_at, seconds, totals, energy)
-        manifest["mlflow_run_id"] = _log_mlflow_run(config, manifest, energy, run_name)
+        manifest["drift"] = _drift_manifest(drift_report, drift_reason, config.drift_threshold)
+        manifest["mlflow_run_id"] = _log_mlflow_run(config, manifest, energy, run_name, drift_report)
         _write_manifest(manifest, work_dir, output_storage, run_name, energy)
     finally:
         if temporary:
@@ -225,6 +263,8 @@ def _check_config(config: CountJobConfig) -> None:
         raise ValueError(
             f"num_gpus must be >= 0 and cpus_per_actor > 0, got {config.num_gpus} and {config.cpus_per_actor}."
         )
+    if not config.drift_threshold > 0:
+        raise ValueError(f"drift_threshold must be greater than 0, got {config.drift_threshold}.")
 
 
 def _input_location(location: Location) -> Location:
@@ -297,12 +337,15 @@ def _count(
     config: CountJobConfig,
     options: StorageOptions,
     counter,
+    validator: ImageValidator | None,
+    drift: DriftAccumulator | None,
     input_location: Location,
     output_location: Location,
     outputs: "_OutputFiles",
     totals: JobTotals,
 ) -> None:
-    """Run the Ray Data pipeline over ``todo`` and append its rows to the outputs."""
+    """Run the Ray Data pipeline over ``todo``, append its rows to the outputs and merge
+    the drift histograms of its batches into ``drift``."""
     import ray
 
     if not ray.is_initialized():
@@ -323,13 +366,17 @@ def _count(
         concurrency=concurrency,
         num_gpus=config.num_gpus,
         cpus_per_actor=config.cpus_per_actor,
+        validator=validator,
+        collect_drift=drift is not None,
     )
     try:
         for batch in dataset.iter_batches(batch_size=None, batch_format="pandas"):
             outputs.append(batch, totals)
             outputs.sync()
+            if drift is not None:
+                _merge_drift(drift, batch)
     except Exception as error:
-        cause = _storage_cause(error)
+        cause = _job_error_cause(error)
         if cause is not None:
             raise cause from error
         raise
@@ -355,12 +402,13 @@ def _default_concurrency(config: CountJobConfig) -> int:
     return max(1, int(resources.get("CPU", 1) // config.cpus_per_actor))
 
 
-def _storage_cause(error: BaseException) -> StorageError | None:
-    # Ray wraps exceptions raised in tasks; the storage error inside has the message to show.
+def _job_error_cause(error: BaseException) -> CcflowError | None:
+    # Ray wraps exceptions raised in tasks; the storage or suite error inside has the
+    # message to show, and the command line turns it into exit code 2.
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, StorageError):
+        if isinstance(error, (StorageError, SuiteError)):
             return error
         error = getattr(error, "cause", None) or error.__cause__
     return None
@@ -383,6 +431,8 @@ def build_dataset(
     concurrency: int,
     num_gpus: float = 0.0,
     cpus_per_actor: float = 1.0,
+    validator: ImageValidator | None = None,
+    collect_drift: bool = False,
 ):
     """Return the lazy Ray dataset of result rows for the images in ``todo``.
 
@@ -393,13 +443,20 @@ def build_dataset(
         ``fingerprint`` and ``size``.
     counter_ref : ray.ObjectRef
         The :class:`~ccflow.counter.CellCounter`, put in the object store once.
+    validator : ccflow.validation.ImageValidator, optional
+        Suite that each actor checks its batches against; None counts every image.
+    collect_drift : bool
+        Profile the counted images of each batch for drift scoring.
 
     Returns
     -------
     ray.data.Dataset
         One row per image: ``file``, ``fingerprint``, ``sha256``, ``row`` (JSON of the
-        counts.csv row), ``cells`` (JSON list of cells.csv rows) and ``<stage>_s``
-        seconds for each stage in :data:`STAGES`.
+        counts.csv row), ``cells`` (JSON list of cells.csv rows), ``<stage>_s``
+        seconds for each stage in :data:`STAGES`, and ``drift``: on one row per actor
+        batch that counted images, the JSON state of that batch's
+        :class:`~ccflow.drift.DriftAccumulator`, else an empty string. A state has
+        fixed-size histograms, about 1 kB of JSON, so the driver's memory stays bounded.
     """
     import ray
 
@@ -421,6 +478,8 @@ def build_dataset(
             "overlays": overlays,
             "threads": max(1, int(cpus_per_actor)),
             "device": "cuda" if num_gpus > 0 else "cpu",
+            "validator": validator,
+            "collect_drift": collect_drift,
         },
         batch_size=batch_size,
         batch_format="pandas",
@@ -474,7 +533,7 @@ def _encode_png(image) -> bytes:
 
 
 class ImageCounter:
-    """Ray Data actor: loads the model once, then counts batches of image bytes."""
+    """Ray Data actor: loads the model once, then checks and counts batches of image bytes."""
 
     def __init__(
         self,
@@ -484,6 +543,8 @@ class ImageCounter:
         overlays: bool,
         threads: int = 1,
         device: str = "cpu",
+        validator: ImageValidator | None = None,
+        collect_drift: bool = False,
     ) -> None:
         import ray
         import torch
@@ -495,34 +556,49 @@ class ImageCounter:
             self.counter.device = device
         self.overlays = overlays
         self.output = _cached_storage(output_location, options) if overlays else None
+        self.validator = validator
+        if validator is not None:
+            validator.prepare()
+        self.collect_drift = collect_drift
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        records = [
-            self.process_image(item.file, item.data, item.read_error)
-            for item in batch.itertuples(index=False)
-        ]
+        drift = DriftAccumulator() if self.collect_drift else None
+        outcomes = self.count_batch(batch, drift)
+        records = [self.write_overlay(outcome) for outcome in outcomes]
         results = pd.DataFrame.from_records(records, index=batch.index)
+        # One state per batch, on its first row: the driver merges every non-empty one.
+        results["drift"] = ""
+        if drift is not None and drift.images:
+            results.iloc[0, results.columns.get_loc("drift")] = json.dumps(drift.to_state())
         return pd.concat([batch[["file", "fingerprint", "sha256", "read_s"]], results], axis=1)
 
-    def process_image(self, name: str, data: bytes, read_error: str) -> dict[str, Any]:
-        """Count one image and write its overlay; return its result columns."""
-        if read_error:
-            outcome = ImageOutcome(row={"file": name, "status": "error", "error": read_error})
-        else:
-            outcome = count_image(self.counter, data, name, overlay=self.overlays)
+    def count_batch(self, batch: pd.DataFrame, drift: DriftAccumulator | None) -> list[ImageOutcome]:
+        """Check and count the images of a batch that were read; return one outcome per row."""
+        outcomes: dict[int, ImageOutcome] = {}
+        items: list[tuple[str, bytes]] = []
+        positions: list[int] = []
+        for position, item in enumerate(batch.itertuples(index=False)):
+            if item.read_error:
+                outcomes[position] = ImageOutcome(row={"file": item.file, "status": "error", "error": item.read_error})
+            else:
+                items.append((item.file, item.data))
+                positions.append(position)
+        counted = count_images(self.counter, items, overlay=self.overlays, validator=self.validator, drift=drift)
+        outcomes.update(zip(positions, counted, strict=True))
+        return [outcomes[position] for position in range(len(batch))]
 
+    def write_overlay(self, outcome: ImageOutcome) -> dict[str, Any]:
+        """Write the overlay of a counted image; return the image's result columns."""
         started = time.perf_counter()
         if outcome.overlay is not None:
-            self.output.write_bytes(overlay_name(name), _encode_png(outcome.overlay))
+            self.output.write_bytes(overlay_name(outcome.row["file"]), _encode_png(outcome.overlay))
         overlay_seconds = time.perf_counter() - started
 
-        return {
-            "row": json.dumps(outcome.row),
-            "cells": json.dumps(outcome.cells),
-            "decode_s": outcome.seconds.get("decode", 0.0),
-            "count_s": outcome.seconds.get("count", 0.0),
-            "overlay_s": overlay_seconds,
-        }
+        columns = {"row": json.dumps(outcome.row), "cells": json.dumps(outcome.cells), "overlay_s": overlay_seconds}
+        for stage in STAGES:
+            if stage not in ("read", "overlay"):
+                columns[f"{stage}_s"] = outcome.seconds.get(stage, 0.0)
+        return columns
 
 
 # --------------------------------------------------------------------------------------
@@ -680,6 +756,75 @@ def _filter_csv(path: Path, columns: list[str], keep: set[str], latest_only: boo
 
 
 # --------------------------------------------------------------------------------------
+# Drift
+# --------------------------------------------------------------------------------------
+
+
+def _drift_reference(model_uri: str) -> tuple[dict | None, str]:
+    """Return the reference profile of the model, or None and why drift is not scored."""
+    from mlflow.exceptions import MlflowException
+
+    from ccflow.drift import load_reference
+
+    try:
+        return load_reference(model_uri), ""
+    except (FileNotFoundError, ValueError, MlflowException) as error:
+        reason = f"no drift reference: {getattr(error, 'message', error)}"
+        logger.warning("Drift is not scored in this run, %s", reason)
+        return None, reason
+
+
+def _merge_drift(drift: DriftAccumulator, batch: pd.DataFrame) -> None:
+    for state in batch["drift"]:
+        if state:
+            drift.merge(DriftAccumulator.from_state(json.loads(state)))
+
+
+def _score_drift(
+    drift: DriftAccumulator | None, reference: dict | None, threshold: float, reason: str
+) -> tuple[DriftReport | None, str]:
+    """Score the run's drift against the reference; return the report, or None and why."""
+    if drift is None or reference is None:
+        return None, reason
+    if drift.images == 0:
+        logger.info("No image was counted, so drift is not scored")
+        return None, "no image was counted"
+    try:
+        report = drift.report(reference, threshold=threshold)
+    except ValueError as error:
+        # A profile logged by another ccflow version can have other bins.
+        logger.warning("Drift is not scored in this run: %s", error)
+        return None, str(error)
+
+    if report.flagged:
+        above = ", ".join(
+            f"{name} {value:.3f}" for name, value in sorted(report.per_feature.items()) if value > threshold
+        )
+        logger.warning(
+            "Drift flagged: overall PSI %.3f over %d images exceeds the threshold %.2f (%s). "
+            "The images differ from the model's training images: check the microscope, "
+            "staining and magnification, or retrain on such images.",
+            report.overall, report.images, threshold, above,
+        )
+    return report, ""
+
+
+def _drift_manifest(report: DriftReport | None, reason: str, threshold: float) -> dict[str, Any]:
+    if report is None:
+        return {"scored": False, "reason": reason, "threshold": threshold}
+    return {
+        "scored": True,
+        "method": report.method,
+        "threshold": report.threshold,
+        "overall": round(report.overall, 4),
+        "flagged": report.flagged,
+        "per_feature": {name: round(value, 4) for name, value in report.per_feature.items()},
+        "skipped_features": report.skipped,
+        "images": report.images,
+    }
+
+
+# --------------------------------------------------------------------------------------
 # Manifest, MLflow and energy
 # --------------------------------------------------------------------------------------
 
@@ -742,6 +887,8 @@ def _manifest(config, model, input_location, output_location, started_at, second
             "batch_size": config.batch_size,
             "overlays": config.overlays,
             "recount": config.recount,
+            "validate": config.validate,
+            "drift_threshold": config.drift_threshold,
         },
         "energy": None,
     }
@@ -765,13 +912,20 @@ def _write_manifest(manifest: dict, work_dir: Path, storage: Storage, run_name: 
     logger.info("Run manifest: %s", storage.location.key(f"runs/{run_name}.json"))
 
 
-def _log_mlflow_run(config: CountJobConfig, manifest: dict, energy, run_name: str) -> str | None:
-    """Log the manifest's figures as an MLflow run; return its id (None without experiment)."""
+def _log_mlflow_run(
+    config: CountJobConfig, manifest: dict, energy, run_name: str, drift: DriftReport | None = None
+) -> str | None:
+    """Log the manifest's figures and the drift as an MLflow run; return its id (None without experiment).
+
+    ``ccflow monitor`` reads the metrics ``cells``, ``images_counted`` and
+    ``drift_overall`` and the tag ``drift_flagged`` of these runs.
+    """
     if not config.experiment:
         return None
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
+    from ccflow.drift import log_drift
     from ccflow.energy import log_energy
 
     client = MlflowClient()
@@ -807,6 +961,10 @@ def _log_mlflow_run(config: CountJobConfig, manifest: dict, energy, run_name: st
     )
     if energy is not None:
         log_energy(energy, prefix="count_", client=client, run_id=run_id)
+    if drift is not None:
+        log_drift(drift, client, run_id)
+    else:
+        client.set_tag(run_id, "drift_skipped", manifest["drift"]["reason"])
     client.log_dict(run_id, manifest, "manifest.json")
     if owns_run:
         client.set_terminated(run_id, "FINISHED")
@@ -816,8 +974,13 @@ def _log_mlflow_run(config: CountJobConfig, manifest: dict, energy, run_name: st
 
 def manifest_to_text(manifest: dict) -> str:
     """Return a one-line summary of a run manifest for the command line."""
-    return (
+    text = (
         f"Counted {manifest['images_counted']} images ({manifest['images_failed']} failed, "
         f"{manifest['images_invalid']} invalid, {manifest['images_skipped']} already counted, "
         f"{manifest['cells']} cells) into {manifest['output']}"
     )
+    drift = manifest.get("drift") or {}
+    if drift.get("scored"):
+        verdict = "FLAGGED" if drift["flagged"] else "not flagged"
+        text += f"; drift {drift['overall']:.3f} ({verdict}, threshold {drift['threshold']:g})"
+    return text

@@ -302,6 +302,14 @@ def count(
     recount: Annotated[
         bool, typer.Option(help="Ignore the ledger and count every image again; replaces the CSV files.")
     ] = False,
+    validate: Annotated[
+        bool,
+        typer.Option(help="Check each image against validation/counting_images.json; invalid images are not counted."),
+    ] = True,
+    drift_threshold: Annotated[
+        float,
+        typer.Option(help="Flag the run when its overall drift (largest per-feature PSI) exceeds this; raise it to flag fewer runs."),
+    ] = 0.25,
     concurrency: Annotated[
         Optional[int],
         typer.Option(help="Counting actors, each loading the model once. Default: one per GPU share, or per CPU.", rich_help_panel="Compute"),
@@ -325,7 +333,8 @@ def count(
 ) -> None:
     """Count the new and changed images under a folder or bucket prefix with a Ray Data job.
 
-    Exits with 0 when every image was counted, 1 when some failed, 2 when the job failed.
+    Exits with 0 when every image was counted, 1 when some failed or were invalid, 2 when
+    the job failed.
     """
     _configure_logging(verbose)
     from ccflow.batch import CountJobConfig, manifest_to_text, run_count_job
@@ -343,6 +352,8 @@ def count(
         s3_endpoint_url=s3_endpoint_url or None,
         experiment=experiment or None,
         energy=energy,
+        validate=validate,
+        drift_threshold=drift_threshold,
     )
     manifest = _count_or_exit(run_count_job, config)
     typer.echo(manifest_to_text(manifest))

@@ -10,8 +10,13 @@
 - ``overlays/<image name without suffix>.png``: cell outlines and the Grad-CAM heatmap
   over the image.
 
-A file that cannot be read or counted gets a row with status ``error`` and the reason;
-the other images are still counted.
+Before counting, each image is checked against the ``counting`` suite of
+:mod:`ccflow.validation`, in one Great Expectations run per batch of images. A file that
+cannot be read or counted gets a row with status ``error`` and the reason. An image that
+decodes but fails an expectation (blank, blurred, saturated, wrong size or format) gets
+status ``invalid`` with the failed expectations in ``error`` and is not counted. The other
+images are still counted, and an optional :class:`~ccflow.drift.DriftAccumulator`
+collects the drift features of each counted image.
 """
 
 from __future__ import annotations
@@ -19,25 +24,32 @@ from __future__ import annotations
 import csv
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pandas as pd
 from skimage.io import imsave
 from tqdm import tqdm
 
 from ccflow.counter import CellCounter
 from ccflow.data import IMAGE_SUFFIXES, decode_image
+from ccflow.drift import DriftAccumulator
 from ccflow.errors import CcflowError, DatasetError
 from ccflow.postprocess import MEASURE_COLUMNS
+from ccflow.validation import ImageValidator, image_metadata
 
 logger = logging.getLogger(__name__)
 
 ImageStatus = Literal["ok", "error", "invalid", "skipped"]
-"""Outcome of one image: ``ok`` counted; ``error`` unreadable or failed while counting;
-``invalid`` rejected by an image check before counting; ``skipped`` left out on purpose by
-an image check. :func:`count_image` itself sets only ``ok`` and ``error``."""
+"""Outcome of one image. ``ok``: counted. ``error``: unreadable, or failed while counting.
+``invalid``: decoded but failed an expectation of the ``counting`` suite, so not counted.
+``skipped``: left out on purpose. :func:`count_images` sets all but ``skipped``."""
+
+STAGES = ("decode", "validate", "count", "drift")
+"""Stages that :func:`count_images` times per image, in :attr:`ImageOutcome.seconds`."""
 
 COUNTS_COLUMNS = ["file", "count", "mean_probability", "width", "height", "status", "error"]
 CELLS_COLUMNS = ["file", *MEASURE_COLUMNS]
@@ -56,7 +68,8 @@ class ImageOutcome:
     overlay : ndarray, uint8, shape (H, W, 3), or None
         Overlay image when requested and counted.
     seconds : dict of str to float
-        Wall time of the ``decode`` and ``count`` stages.
+        Wall time of the stages in :data:`STAGES` that ran. A batch's Great
+        Expectations run is shared equally among its images.
     """
 
     row: dict
@@ -71,7 +84,8 @@ class ImageOutcome:
 
 @dataclass
 class CountSummary:
-    """Totals of one counting job."""
+    """Totals of one counting job: ``failed`` images are unreadable or failed while
+    counting, ``invalid`` ones failed an expectation and were not counted."""
 
     images: int
     counted: int
@@ -79,10 +93,22 @@ class CountSummary:
     cells: int
     seconds: float
     output_dir: Path
+    invalid: int = 0
 
 
-def count_image(counter: CellCounter, data: bytes, name: str, *, overlay: bool = True) -> ImageOutcome:
-    """Decode one encoded image and count its cells, turning failures into an error row.
+def count_image(
+    counter: CellCounter,
+    data: bytes,
+    name: str,
+    *,
+    overlay: bool = True,
+    validator: ImageValidator | None = None,
+    drift: DriftAccumulator | None = None,
+) -> ImageOutcome:
+    """Decode, check and count one encoded image, turning failures into a row.
+
+    A shortcut for :func:`count_images` on one image; prefer that function for many
+    images, because it checks a whole batch in one Great Expectations run.
 
     Parameters
     ----------
@@ -94,43 +120,160 @@ def count_image(counter: CellCounter, data: bytes, name: str, *, overlay: bool =
         Name written to the ``file`` column and used in messages.
     overlay : bool
         Also render the overlay with outlines and the Grad-CAM heatmap.
+    validator : ImageValidator, optional
+        Suite to check the image against before counting; None counts without a check.
+    drift : DriftAccumulator, optional
+        Updated with the image and its label image when the image is counted.
 
     Returns
     -------
     ImageOutcome
-        Status ``ok`` with the count, or ``error`` with ``"<ExceptionType>: <message>"``.
+        Status ``ok`` with the count, ``error`` with ``"<ExceptionType>: <message>"``, or
+        ``invalid`` with the failed expectations joined by ``"; "``.
     """
-    row = {"file": name, "status": "ok", "error": ""}
-    seconds: dict[str, float] = {}
+    return count_images(counter, [(name, data)], overlay=overlay, validator=validator, drift=drift)[0]
+
+
+def count_images(
+    counter: CellCounter,
+    items: Sequence[tuple[str, bytes]],
+    *,
+    overlay: bool = True,
+    validator: ImageValidator | None = None,
+    drift: DriftAccumulator | None = None,
+) -> list[ImageOutcome]:
+    """Decode, check and count a batch of encoded images, turning failures into rows.
+
+    The images are decoded first. The decoded ones are measured and checked against
+    ``validator`` in one Great Expectations run. The valid ones are then counted, and
+    each counted image is added to ``drift`` with its label image.
+
+    Parameters
+    ----------
+    counter : CellCounter
+        Model and post-processing.
+    items : sequence of (str, bytes)
+        Name and file content of each image, as :func:`count_image` takes them. The
+        decoded images of the whole batch are held in memory at once.
+    overlay : bool
+        Also render the overlay of each counted image.
+    validator : ImageValidator, optional
+        Suite to check the images against; None counts every image that decodes.
+    drift : DriftAccumulator, optional
+        Updated with each counted image (raw) and its label image.
+
+    Returns
+    -------
+    list of ImageOutcome
+        One per item, in order. A file that does not decode is an ``error``, with or
+        without a validator, so the status of a damaged file does not depend on
+        whether validation runs.
+
+    Raises
+    ------
+    ccflow.validation.SuiteError
+        If the suite cannot be evaluated on the metadata rows; that is a fault of the
+        suite files, not of an image, so the whole batch stops.
+    """
+    outcomes: list[ImageOutcome] = []
+    images: list[np.ndarray | None] = []
+    for name, data in items:
+        outcome, image = _decode(data, name)
+        outcomes.append(outcome)
+        images.append(image)
+
+    if validator is not None:
+        _validate(validator, items, images, outcomes)
+
+    for (name, _), image, outcome in zip(items, images, outcomes, strict=True):
+        if image is not None and outcome.status == "ok":
+            _count_decoded(counter, image, name, outcome, overlay=overlay, drift=drift)
+    return outcomes
+
+
+def _decode(data: bytes, name: str) -> tuple[ImageOutcome, np.ndarray | None]:
+    outcome = ImageOutcome(row={"file": name, "status": "ok", "error": ""})
+    started = time.perf_counter()
     try:
-        started = time.perf_counter()
         image = decode_image(data, name)
-        seconds["decode"] = time.perf_counter() - started
-
-        # Image checks (validation, feature collection for drift) belong here, between
-        # decoding and counting: they see the raw image and can set the row's status.
-
-        started = time.perf_counter()
-        result = counter.count(image, explain=overlay)
-        seconds["count"] = time.perf_counter() - started
     except (CcflowError, OSError, ValueError, RuntimeError) as error:
-        row.update(status="error", error=f"{type(error).__name__}: {error}")
-        logger.error("Could not count %s: %s", name, error)
-        return ImageOutcome(row=row, seconds=seconds)
+        _set_error(outcome, error, name)
+        image = None
+    else:
+        # Also on the rows of invalid images, whose size is often what is wrong.
+        outcome.row.update(width=int(image.shape[1]), height=int(image.shape[0]))
+    outcome.seconds["decode"] = time.perf_counter() - started
+    return outcome, image
+
+
+def _validate(
+    validator: ImageValidator,
+    items: Sequence[tuple[str, bytes]],
+    images: list[np.ndarray | None],
+    outcomes: list[ImageOutcome],
+) -> None:
+    """Mark the decoded images that fail an expectation as ``invalid`` and drop their pixels."""
+    started = time.perf_counter()
+    decoded = [index for index, image in enumerate(images) if image is not None]
+    if not decoded:
+        return
+    rows = []
+    for index in decoded:
+        name, data = items[index]
+        row, _ = image_metadata(name, data, image=images[index])
+        rows.append(row)
+    failures = validator.failures(pd.DataFrame(rows))
+
+    share = (time.perf_counter() - started) / len(decoded)
+    for index, failed in zip(decoded, failures, strict=True):
+        outcomes[index].seconds["validate"] = share
+        if failed:
+            outcomes[index].row.update(status="invalid", error="; ".join(failed))
+            images[index] = None
+            logger.warning("%s is invalid and not counted: %s", items[index][0], "; ".join(failed))
+
+
+def _count_decoded(
+    counter: CellCounter,
+    image: np.ndarray,
+    name: str,
+    outcome: ImageOutcome,
+    *,
+    overlay: bool,
+    drift: DriftAccumulator | None,
+) -> None:
+    started = time.perf_counter()
+    try:
+        result = counter.count(image, explain=overlay)
+    except (CcflowError, OSError, ValueError, RuntimeError) as error:
+        _set_error(outcome, error, name)
+        return
+    finally:
+        outcome.seconds["count"] = time.perf_counter() - started
 
     height, width = result.labels.shape
-    row.update(
+    outcome.row.update(
         count=result.count,
         mean_probability=_round(result.mean_probability),
         width=width,
         height=height,
     )
-    cells = [
+    outcome.cells = [
         {"file": name, **{key: _round(value) for key, value in cell.items()}}
         for cell in result.cells.to_dict(orient="records")
     ]
+    outcome.overlay = result.overlay
     logger.info("%s: %d cells", name, result.count)
-    return ImageOutcome(row=row, cells=cells, overlay=result.overlay, seconds=seconds)
+
+    if drift is not None:
+        started = time.perf_counter()
+        drift.update(image, result.labels)
+        outcome.seconds["drift"] = time.perf_counter() - started
+
+
+def _set_error(outcome: ImageOutcome, error: Exception, name: str) -> None:
+    outcome.row.update(status="error", error=f"{type(error).__name__}: {error}")
+    logger.error("Could not count %s: %s", name, error)
 
 
 def overlay_name(name: str) -> str:
@@ -165,6 +308,9 @@ def count_folder(
     counter: CellCounter,
     *,
     overlays: bool = True,
+    validate: bool = True,
+    drift: DriftAccumulator | None = None,
+    batch_size: int = 8,
 ) -> CountSummary:
     """Count every image of ``input_dir`` in this process and write the results to ``output_dir``.
 
@@ -181,62 +327,90 @@ def count_folder(
         Model and post-processing, usually from :func:`ccflow.registry.load_counter`.
     overlays : bool
         Write an overlay PNG with outlines and the Grad-CAM heatmap for each image.
+    validate : bool
+        Check each image against the ``counting`` suite and leave invalid ones uncounted.
+    drift : DriftAccumulator, optional
+        Updated with every counted image; score it with :meth:`DriftAccumulator.report`.
+    batch_size : int
+        Images decoded, held in memory and checked in one Great Expectations run at a time.
 
     Returns
     -------
     CountSummary
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     paths = list_images(input_dir)
     output_dir = Path(output_dir)
     (output_dir / "overlays").mkdir(parents=True, exist_ok=True)
+    validator = ImageValidator("counting") if validate else None
 
     started = time.monotonic()
-    counted = failed = total_cells = 0
+    totals = dict.fromkeys(("ok", "error", "invalid", "skipped"), 0)
+    total_cells = 0
     with (
         open(output_dir / "counts.csv", "w", newline="") as counts_file,
         open(output_dir / "cells.csv", "w", newline="") as cells_file,
+        tqdm(total=len(paths), desc="images", unit="image") as progress,
     ):
         counts_writer = csv.DictWriter(counts_file, COUNTS_COLUMNS)
         cells_writer = csv.DictWriter(cells_file, CELLS_COLUMNS)
         counts_writer.writeheader()
         cells_writer.writeheader()
-        for path in tqdm(paths, desc="images", unit="image"):
-            try:
-                data = path.read_bytes()
-            except OSError as error:
-                outcome = ImageOutcome(
-                    row={"file": path.name, "status": "error", "error": f"{type(error).__name__}: {error}"}
-                )
-                logger.error("Could not read %s: %s", path, error)
-            else:
-                outcome = count_image(counter, data, path.name, overlay=overlays)
-
-            if outcome.status == "ok":
-                counted += 1
-                total_cells += outcome.row["count"]
-            else:
-                failed += 1
-            cells_writer.writerows(outcome.cells)
-            if outcome.overlay is not None:
-                imsave(output_dir / overlay_name(path.name), outcome.overlay, check_contrast=False)
-            counts_writer.writerow(outcome.row)
-            # Flushed per image so an interrupted job keeps every finished row.
+        for first in range(0, len(paths), batch_size):
+            batch = paths[first : first + batch_size]
+            for path, outcome in zip(batch, _count_files(counter, batch, overlays, validator, drift), strict=True):
+                totals[outcome.status] += 1
+                if outcome.status == "ok":
+                    total_cells += outcome.row["count"]
+                cells_writer.writerows(outcome.cells)
+                if outcome.overlay is not None:
+                    imsave(output_dir / overlay_name(path.name), outcome.overlay, check_contrast=False)
+                counts_writer.writerow(outcome.row)
+            # Flushed per batch so an interrupted job keeps every finished row.
             counts_file.flush()
             cells_file.flush()
+            progress.update(len(batch))
 
     summary = CountSummary(
         images=len(paths),
-        counted=counted,
-        failed=failed,
+        counted=totals["ok"],
+        failed=totals["error"],
+        invalid=totals["invalid"],
         cells=total_cells,
         seconds=time.monotonic() - started,
         output_dir=output_dir,
     )
     logger.info(
-        "Counted %d of %d images (%d failed, %d cells) in %.1f s; results in %s",
-        counted, len(paths), failed, total_cells, summary.seconds, output_dir,
+        "Counted %d of %d images (%d failed, %d invalid, %d cells) in %.1f s; results in %s",
+        summary.counted, len(paths), summary.failed, summary.invalid, total_cells, summary.seconds, output_dir,
     )
     return summary
+
+
+def _count_files(
+    counter: CellCounter,
+    paths: list[Path],
+    overlays: bool,
+    validator: ImageValidator | None,
+    drift: DriftAccumulator | None,
+) -> list[ImageOutcome]:
+    """Read and count a batch of files, giving an error outcome to each file that cannot be read."""
+    outcomes: dict[int, ImageOutcome] = {}
+    items: list[tuple[str, bytes]] = []
+    readable: list[int] = []
+    for index, path in enumerate(paths):
+        try:
+            items.append((path.name, path.read_bytes()))
+            readable.append(index)
+        except OSError as error:
+            outcomes[index] = ImageOutcome(
+                row={"file": path.name, "status": "error", "error": f"{type(error).__name__}: {error}"}
+            )
+            logger.error("Could not read %s: %s", path, error)
+    counted = count_images(counter, items, overlay=overlays, validator=validator, drift=drift)
+    outcomes.update(zip(readable, counted, strict=True))
+    return [outcomes[index] for index in range(len(paths))]
 
 
 def _round(value):

@@ -194,6 +194,38 @@ class DriftAccumulator:
         self.maximum = np.maximum(self.maximum, other.maximum)
         return self
 
+    def to_state(self) -> dict[str, Any]:
+        """Return the full state as JSON-ready values, to send an accumulator between processes.
+
+        Unlike :meth:`to_profile`, the state keeps the channel sums, so that
+        ``from_state(a.to_state()).merge(b)`` equals ``a.merge(b)`` exactly. An
+        accumulator without pixels stores its minimum and maximum as infinities, which
+        :func:`json.dumps` writes as ``Infinity``.
+        """
+        return {
+            "counts": {name: counts.tolist() for name, counts in self.counts.items()},
+            "images": self.images,
+            "labelled_images": self.labelled_images,
+            "pixels": self.pixels,
+            "sums": self.sums.tolist(),
+            "squares": self.squares.tolist(),
+            "minimum": self.minimum.tolist(),
+            "maximum": self.maximum.tolist(),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> DriftAccumulator:
+        """Rebuild an accumulator from :meth:`to_state` output of the same ccflow version."""
+        accumulator = cls()
+        for name, counts in state["counts"].items():
+            accumulator.counts[name] = np.asarray(counts, dtype=np.int64)
+        accumulator.images = int(state["images"])
+        accumulator.labelled_images = int(state["labelled_images"])
+        accumulator.pixels = int(state["pixels"])
+        for name in ("sums", "squares", "minimum", "maximum"):
+            setattr(accumulator, name, np.asarray(state[name], dtype=np.float64))
+        return accumulator
+
     def to_profile(self) -> dict[str, Any]:
         """Return the accumulated histograms and channel statistics as a JSON-ready profile."""
         statistics = {}

@@ -98,7 +98,9 @@ class SuiteError(CcflowError):
 # --------------------------------------------------------------------------------------
 
 
-def image_metadata(name: str, data: bytes) -> tuple[dict[str, Any], np.ndarray | None]:
+def image_metadata(
+    name: str, data: bytes, image: np.ndarray | None = None
+) -> tuple[dict[str, Any], np.ndarray | None]:
     """Measure one image file into a metadata row for the suites.
 
     Parameters
@@ -107,6 +109,9 @@ def image_metadata(name: str, data: bytes) -> tuple[dict[str, Any], np.ndarray |
         File name or path, stored in the ``file`` column and used in messages.
     data : bytes
         Content of the file.
+    image : numpy.ndarray, optional
+        ``data`` already decoded by :func:`ccflow.data.decode_image`, so that a caller
+        that decoded the file itself does not pay for a second decoding.
 
     Returns
     -------
@@ -126,11 +131,12 @@ def image_metadata(name: str, data: bytes) -> tuple[dict[str, Any], np.ndarray |
     row: dict[str, Any] = dict.fromkeys(IMAGE_COLUMNS)
     row.update(file=name, readable=False, error="", format=_file_format(data))
     header = _header_info(data)
-    try:
-        image = decode_image(data, name)
-    except ImageReadError as error:
-        row["error"] = str(error)
-        return row, None
+    if image is None:
+        try:
+            image = decode_image(data, name)
+        except ImageReadError as error:
+            row["error"] = str(error)
+            return row, None
 
     full_scale = float(np.iinfo(image.dtype).max)
     grey = image.mean(axis=2, dtype=np.float32) / np.float32(full_scale)
@@ -363,6 +369,15 @@ class ImageValidator:
         state["_context"] = None
         state["_runner"] = None
         return state
+
+    def prepare(self) -> None:
+        """Import GX and build its context now, rather than on the first validation.
+
+        The import takes seconds, so a Ray actor calls this at start-up to keep that time
+        out of its per-batch timings.
+        """
+        if self._runner is None:
+            self._runner = self._build_runner()
 
     def failures(self, rows: pd.DataFrame) -> list[list[str]]:
         """Return, per row in row order, the descriptions of the expectations it failed.

@@ -28,6 +28,7 @@ from mlflow.exceptions import MlflowException
 
 from ccflow import REGISTERED_MODEL_NAME
 from ccflow.batch import CountJobConfig, manifest_to_text, run_count_job
+from ccflow.drift import DEFAULT_THRESHOLD
 from ccflow.errors import CcflowError
 
 logger = logging.getLogger("ccflow.jobs.nightly_count")
@@ -45,6 +46,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs")
     parser.add_argument("--recount", action="store_true", help="ignore the ledger and count every image again")
+    parser.add_argument("--no-validate", action="store_true",
+                        help="count every image that decodes, without checking it against the counting suite")
+    parser.add_argument("--drift-threshold", type=float, default=DEFAULT_THRESHOLD,
+                        help=f"flag the run when its overall drift (PSI) exceeds this (default {DEFAULT_THRESHOLD})")
     parser.add_argument("--concurrency", type=int, default=None,
                         help="counting actors (default: one per GPU share, or per CPU of the cluster)")
     parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor (default 0: CPUs only)")
@@ -78,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         s3_endpoint_url=args.s3_endpoint_url or None,
         experiment=args.experiment or None,
         energy=not args.no_energy,
+        validate=not args.no_validate,
+        drift_threshold=args.drift_threshold,
     )
     if args.country:
         config.country_iso_code = args.country

@@ -217,7 +217,7 @@ def test_gcs_manifest_has_model_and_energy(gcs_runs, trained_fnc_model):
     assert manifest["input"] == "gs://ccflow-in/plate1"
     assert manifest["images_per_s"] > 0
     assert manifest["energy"]["energy_kwh"] >= 0
-    assert set(manifest["stage_seconds"]) == {"read", "decode", "count", "overlay"}
+    assert set(manifest["stage_seconds"]) == {"read", "decode", "validate", "count", "drift", "overlay"}
 
 
 def test_gcs_run_logged_to_mlflow(gcs_runs):
