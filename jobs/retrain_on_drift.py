@@ -41,20 +41,26 @@ logger = logging.getLogger("ccflow.jobs.retrain_on_drift")
 
 NEW_DATA_TAG = "retrain_new_data_fingerprint"
 TRIGGER_TAG = "retrain_trigger_runs"
+# Newest counting runs searched for the ones that scored drift.
+SEARCHED_RUNS = 200
 
 
 def latest_runs_flagged(client, experiment: str, last: int) -> tuple[bool, list[str]]:
     """Return whether the ``last`` newest runs of ``experiment`` are all flagged, and their ids.
 
-    Fewer than ``last`` runs, or a missing experiment, count as not flagged.
+    Only runs that scored drift count: a nightly run with no new image, or one whose
+    model has no reference profile, has no ``drift_flagged`` tag and is passed over, so
+    it neither breaks nor extends a streak. Fewer than ``last`` scored runs, or a missing
+    experiment, count as not flagged.
     """
     found = client.get_experiment_by_name(experiment)
     if found is None:
         logger.info("Counting experiment %r not found: nothing to check", experiment)
         return False, []
-    runs = client.search_runs(
-        [found.experiment_id], order_by=["attributes.start_time DESC"], max_results=last
+    recent = client.search_runs(
+        [found.experiment_id], order_by=["attributes.start_time DESC"], max_results=SEARCHED_RUNS
     )
+    runs = [run for run in recent if "drift_flagged" in run.data.tags][:last]
     run_ids = [run.info.run_id for run in runs]
     flags = [run.data.tags.get("drift_flagged") == "true" for run in runs]
     logger.info("Latest %d counting runs: %s", len(runs), ", ".join(

@@ -112,3 +112,19 @@ def test_train_options_are_typed():
     assert settings == {"epochs": 3, "lr": "auto", "scale": 0.25, "register": False, "experiment": "x"}
     with pytest.raises(ValueError, match="data"):
         job.parse_train_options(["data=/tmp"])
+
+
+def test_unscored_runs_do_not_break_streak(mlflow_backend):
+    client = mlflow.MlflowClient()
+    experiment_id = client.create_experiment("retrain-test-unscored")
+    add_counting_run(client, experiment_id, flagged=True, start=1_000)
+    # A nightly run with nothing new to count logs no drift at all.
+    unscored = client.create_run(experiment_id, start_time=2_000)
+    client.set_terminated(unscored.info.run_id)
+    add_counting_run(client, experiment_id, flagged=True, start=3_000)
+
+    flagged, run_ids = load_job().latest_runs_flagged(client, "retrain-test-unscored", last=2)
+
+    assert flagged
+    assert unscored.info.run_id not in run_ids
+    assert len(run_ids) == 2
