@@ -345,7 +345,10 @@ class S3Storage(Storage):
         # One attempt per call: the retries of this module are the only ones, so that
         # each is logged and the backoff is the same for both clouds.
         config = Config(retries={"total_max_attempts": 1, "mode": "standard"})
-        self.client = boto3.client("s3", endpoint_url=options.s3_endpoint_url, config=config)
+        # A session of its own reads the credential chain now: boto3's shared default
+        # session keeps whatever credentials it resolved first in this process.
+        session = boto3.session.Session()
+        self.client = session.client("s3", endpoint_url=options.s3_endpoint_url, config=config)
 
     def check(self, *, write: bool = False) -> None:
         _call_s3(

@@ -28,6 +28,11 @@ def ui_server(trained_fnc_model, mlflow_backend, tmp_path_factory):
         "--backend-store-uri", mlflow_backend,
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]
+    # Earlier tests may have set the champion alias already. The UI tests start without
+    # it, so the page shows the "Add aliases" button and setting the alias is a change.
+    client = mlflow.MlflowClient()
+    if CHAMPION_ALIAS in client.get_registered_model(REGISTERED_MODEL_NAME).aliases:
+        client.delete_registered_model_alias(REGISTERED_MODEL_NAME, CHAMPION_ALIAS)
     log_path = tmp_path_factory.mktemp("ui") / "server.log"
     server = LocalServer(command, mlflow_environment(mlflow_backend), log_path, f"http://127.0.0.1:{port}")
     try:
