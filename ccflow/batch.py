@@ -77,6 +77,10 @@ STAGES = ("read", "decode", "validate", "count", "drift", "overlay")
 # Reading is network or disk bound. Read tasks reserve no CPU, because actors that hold
 # every CPU of the cluster would otherwise keep them from being scheduled.
 READ_TASK_CPUS = 0
+# Tasks that reserve no CPU are otherwise not limited at all: Ray would start a worker
+# process (about 0.4 GB with ccflow imported) for every block at once and run out of
+# memory on large buckets. Two concurrent reads per counting actor keep the actors fed.
+READ_TASKS_PER_ACTOR = 2
 # Upper bound on the blocks of the listed-image dataset, to bound Ray's per-block overhead.
 MAX_BLOCKS = 2000
 
@@ -468,6 +472,7 @@ def build_dataset(
         batch_size=batch_size,
         batch_format="pandas",
         num_cpus=READ_TASK_CPUS,
+        compute=ray.data.TaskPoolStrategy(size=READ_TASKS_PER_ACTOR * concurrency),
     )
     return dataset.map_batches(
         ImageCounter,
