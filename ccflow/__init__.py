@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 REGISTERED_MODEL_NAME = "ccflow-cell-counter"
 
-# Registry aliases: jobs and serving use the champion by default; new candidates are
+# Registry aliases. Jobs and serving use the champion by default. New candidates are
 # registered as the challenger and reach champion only through `ccflow promote` or the UI.
 CHAMPION_ALIAS = "champion"
 CHALLENGER_ALIAS = "challenger"

@@ -172,8 +172,8 @@ def count_images(
     Raises
     ------
     ccflow.validation.SuiteError
-        If the suite cannot be evaluated on the metadata rows; that is a fault of the
-        suite files, not of an image, so the whole batch stops.
+        If the suite cannot be evaluated on the metadata rows. Such a fault lies in the
+        suite files, not in an image, so the whole batch stops.
     """
     outcomes: list[ImageOutcome] = []
     images: list[np.ndarray | None] = []

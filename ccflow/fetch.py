@@ -55,12 +55,12 @@ class ChecksumError(CcflowError):
 
 
 class DownloadError(CcflowError):
-    """A download failed or the server sent an unusable answer."""
+    """A download failed or the server sent an unusable response."""
 
 
 @dataclass
 class FetchResult:
-    """Where the splits were written and how many image-mask pairs each has."""
+    """Output folders of the trainval and test splits, and the image-mask pairs in each."""
 
     dest: Path
     pairs: dict[str, int]
@@ -100,7 +100,7 @@ def fetch_fnc(
     ValueError
         Unknown collection.
     DownloadError
-        The server could not be reached or answered with an error.
+        The server could not be reached or returned an error status.
     ChecksumError
         The downloaded file is not the expected archive; it is deleted.
 
@@ -119,7 +119,7 @@ def fetch_fnc(
 
     marker = dest / MARKER_FILE
     if marker.is_file() and json.loads(marker.read_text()).get("sha256") == sha256:
-        logger.info("%s already holds the %s collection; nothing to do", dest, collection)
+        logger.info("%s already contains the %s collection; nothing to do", dest, collection)
         return FetchResult(dest, json.loads(marker.read_text())["pairs"], {})
 
     downloads = dest / DOWNLOAD_FOLDER

@@ -48,7 +48,7 @@ _BASE64_PREFIXES = (b"iVBORw0KGgo", b"SUkqA", b"SUkrA", b"TU0AK")
 
 
 class RequestError(CcflowError):
-    """A request to a served model that cannot be counted; the message tells how to fix it."""
+    """A request to a served model that cannot be counted; the message explains how to fix it."""
 
 
 @dataclass(frozen=True)

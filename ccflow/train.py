@@ -172,7 +172,7 @@ class TrainConfig:
 class TrainResult:
     """Outputs of a finished training run: its MLflow ids, metrics and chosen threshold.
 
-    ``metrics`` holds the final ``eval_*`` validation scores and, with test data, the
+    ``metrics`` contains the final ``eval_*`` validation scores and, with test data, the
     ``test_*`` scores.
     """
 

@@ -2,7 +2,7 @@
 
 Each worker reads its own shard of the training crops through the ``DistributedSampler``
 that ``ray.train.torch.prepare_data_loader`` adds, so ``samples_per_epoch`` crops are
-split over the workers and one optimisation step sees ``batch_size * workers`` crops.
+split over the workers and one optimisation step uses ``batch_size * workers`` crops.
 World rank 0 logs to MLflow and writes a checkpoint after every epoch.
 
 An epoch's metrics reach MLflow only after its checkpoint is stored, and every
