@@ -12,3 +12,8 @@ REGISTERED_MODEL_NAME = "ccflow-cell-counter"
 # registered as the challenger and reach champion only through `ccflow promote` or the UI.
 CHAMPION_ALIAS = "champion"
 CHALLENGER_ALIAS = "challenger"
+
+# Promotion gate defaults: a candidate may lose at most this much detection F1 (F1 units)
+# and gain at most this much count MAPE (percentage points) against the champion.
+DEFAULT_TOLERANCE_F1 = 0.02
+DEFAULT_TOLERANCE_MAPE = 2.0

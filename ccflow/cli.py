@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ccflow import REGISTERED_MODEL_NAME
+from ccflow import DEFAULT_TOLERANCE_F1, DEFAULT_TOLERANCE_MAPE, REGISTERED_MODEL_NAME
 from ccflow.energy import DEFAULT_COUNTRY
 from ccflow.errors import CcflowError
 
@@ -393,14 +393,14 @@ def promote(
             "raise it to accept slightly worse candidates.",
             rich_help_panel="Gate",
         ),
-    ] = 0.02,
+    ] = DEFAULT_TOLERANCE_F1,
     tolerance_mape: Annotated[
         float,
         typer.Option(
             help="Largest allowed rise of count MAPE against the champion, in percentage points.",
             rich_help_panel="Gate",
         ),
-    ] = 2.0,
+    ] = DEFAULT_TOLERANCE_MAPE,
     force: Annotated[
         bool, typer.Option(help="Promote even when the gate rejects the candidate; needs --reason.", rich_help_panel="Override")
     ] = False,

@@ -29,7 +29,13 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from ccflow import CHALLENGER_ALIAS, CHAMPION_ALIAS, REGISTERED_MODEL_NAME
+from ccflow import (
+    CHALLENGER_ALIAS,
+    CHAMPION_ALIAS,
+    DEFAULT_TOLERANCE_F1,
+    DEFAULT_TOLERANCE_MAPE,
+    REGISTERED_MODEL_NAME,
+)
 from ccflow.data import dataset_fingerprint, list_samples, load_pair
 from ccflow.errors import CcflowError, DatasetError
 from ccflow.evaluate import predict_probabilities, score_probabilities
@@ -39,8 +45,6 @@ logger = logging.getLogger(__name__)
 
 PROMOTION_EXPERIMENT = "ccflow-promotion"
 TAG_PREFIX = "promotion."
-DEFAULT_TOLERANCE_F1 = 0.02
-DEFAULT_TOLERANCE_MAPE = 2.0
 
 Decision = Literal["promoted", "rejected", "forced", "unchanged"]
 GATE_METRICS = ("det_f1", "count_mape")
