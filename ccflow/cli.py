@@ -146,6 +146,15 @@ def train(
             rich_help_panel="Training",
         ),
     ] = "0.001",
+    lr_schedule: Annotated[
+        str,
+        typer.Option(
+            help="'plateau': halve the learning rate when the validation loss stalls for half "
+            "the patience. 'cosine': decay it to 1 % of --lr by the last epoch or the time "
+            "budget, whichever comes first.",
+            rich_help_panel="Training",
+        ),
+    ] = "plateau",
     seed: Annotated[int, typer.Option(help="Seed of the split, crops and weights; same seed, same CPU run.", rich_help_panel="Training")] = 0,
     resume: Annotated[
         Optional[str],
@@ -221,6 +230,7 @@ def train(
         batch_size=batch_size,
         samples_per_epoch=samples_per_epoch,
         lr=_parse_lr(lr),
+        lr_schedule=lr_schedule,
         seed=seed,
         scale=scale,
         val_fraction=val_fraction,

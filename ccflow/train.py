@@ -43,6 +43,7 @@ from ccflow.model import build_model, count_parameters
 from ccflow.postprocess import PostprocessConfig, label_cells
 from ccflow.synthetic import write_synthetic_dataset
 from ccflow.train_loop import (
+    LR_SCHEDULES,
     copy_best_weights,
     find_latest_checkpoint,
     log_epoch,
@@ -87,6 +88,10 @@ class TrainConfig:
     """Crops per epoch over all workers together."""
     lr: float | Literal["auto"] = 1e-3
     """Adam learning rate, or "auto" to run the learning-rate range test first."""
+    lr_schedule: Literal["plateau", "cosine"] = "plateau"
+    """Learning-rate schedule. "plateau" halves the rate when the validation loss stalls for
+    ``patience // 2`` epochs. "cosine" decays it to 1 % of ``lr`` by the epoch limit or
+    the time budget, whichever comes first."""
     weight_decay: float = 1e-5
     seed: int = 0
     scale: float = 0.5
@@ -135,6 +140,10 @@ class TrainConfig:
                 raise ValueError(f"Invalid {name}={value!r}: it must be greater than 0.")
         if self.lr != "auto" and not float(self.lr) > 0:
             raise ValueError(f"Invalid lr={self.lr!r}: use a number greater than 0, or 'auto'.")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"Invalid lr_schedule={self.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}."
+            )
         if self.patience < 1:
             raise ValueError(f"Invalid patience={self.patience!r}: use 1 or more epochs.")
         if not 0 < self.val_fraction < 1:

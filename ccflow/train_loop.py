@@ -40,6 +40,8 @@ BEST_WEIGHTS_FILE = "best_weights.pt"
 TRAINING_STATE_FILE = "training_state.pt"
 CHECKPOINT_INFO_FILE = "checkpoint.json"
 CHECKPOINT_PREFIX = "checkpoint_epoch_"
+LR_SCHEDULES = ("plateau", "cosine")
+COSINE_FLOOR = 0.01
 
 
 @dataclass
@@ -88,10 +90,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     train_loader, val_loader, train_set = _make_loaders(config, train_pairs, val_pairs)
 
     network = build_model(config.arch, config.base_width)
-    optimizer = torch.optim.Adam(network.parameters(), lr=loop_config["lr"], weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, factor=0.5, patience=max(1, config.patience // 2)
-    )
+    base_lr = loop_config["lr"]
+    optimizer = torch.optim.Adam(network.parameters(), lr=base_lr, weight_decay=config.weight_decay)
+    scheduler = None
+    if config.lr_schedule == "plateau":
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, factor=0.5, patience=max(1, config.patience // 2)
+        )
     # Ray's own checkpoint exists after it restarted failed workers within this attempt;
     # otherwise a resumed run starts from the killed attempt's last checkpoint.
     checkpoint = ray.train.get_checkpoint() or loop_config.get("resume_checkpoint")
@@ -109,6 +114,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if bar is not None:
         bar.update(first_epoch)
     for epoch in range(first_epoch, config.epochs):
+        if config.lr_schedule == "cosine":
+            progress = training_progress(epoch, config.epochs, time.monotonic() - started, config.max_minutes)
+            _set_lr(optimizer, cosine_lr(base_lr, _agree_on_value(progress, device)))
         train_set.set_epoch(epoch)
         train_sum, train_count = _run_epoch(model, train_loader, loss_fn, optimizer, device)
         val_sum, val_count = _run_epoch(model, val_loader, loss_fn, None, device)
@@ -116,7 +124,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         train_loss = float(crops_per_worker[:, 0].sum() / crops_per_worker[:, 1].sum().clamp(min=1))
         val_loss = val_sum / max(val_count, 1)
         lr = optimizer.param_groups[0]["lr"]
-        scheduler.step(val_loss)
+        if scheduler is not None:
+            scheduler.step(val_loss)
 
         metrics = {"train_loss": train_loss, "val_loss": val_loss, "lr": lr}
         for worker, count in enumerate(crops_per_worker[:, 1].tolist()):
@@ -222,12 +231,42 @@ def _gather(values: torch.Tensor) -> torch.Tensor:
 
 def _agree_on_stop(stop: bool, device) -> bool:
     """Make every worker take rank 0's stop decision, so all call report equally often."""
+    return bool(_agree_on_value(1.0 if stop else 0.0, device))
+
+
+def _agree_on_value(value: float, device) -> float:
+    """Return rank 0's ``value`` on every worker."""
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return stop
-    # NCCL only moves tensors that live on the GPU, so the flag sits on the device.
-    flag = torch.tensor([1.0 if stop else 0.0], device=device)
-    torch.distributed.broadcast(flag, src=0)
-    return bool(flag.item())
+        return value
+    # NCCL only moves tensors that live on the GPU, so the value sits on the device.
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.broadcast(tensor, src=0)
+    return float(tensor.item())
+
+
+def training_progress(epoch: int, epochs: int, elapsed_s: float, max_minutes: float) -> float:
+    """Return the share of the run used up before ``epoch`` starts, between 0 and 1.
+
+    A run ends at its epoch limit or its time budget, whichever comes first, so the
+    share is the larger of the epochs done and the minutes spent.
+    """
+    share = max(epoch / epochs, elapsed_s / (60.0 * max_minutes))
+    return min(max(share, 0.0), 1.0)
+
+
+def cosine_lr(base_lr: float, progress: float) -> float:
+    """Return the learning rate at ``progress`` (0 to 1) of a cosine decay from ``base_lr``.
+
+    The rate falls to ``COSINE_FLOOR`` times ``base_lr`` at the end of the run rather than
+    to zero, so the last epoch still trains.
+    """
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    return base_lr * (COSINE_FLOOR + (1.0 - COSINE_FLOOR) * cosine)
+
+
+def _set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def _validation_detection_f1(model, config, val_pairs, device) -> float:
@@ -286,8 +325,13 @@ def _write_checkpoint(directory: Path, model, best_weights, optimizer, scheduler
     torch.save(_state_dict_copy(model), directory / WEIGHTS_FILE)
     torch.save(best_weights if best_weights is not None else _state_dict_copy(model),
                directory / BEST_WEIGHTS_FILE)
+    # The cosine schedule is a function of the epoch and elapsed time, which the loop
+    # state stores, so only the plateau scheduler has a state of its own.
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        },
         directory / TRAINING_STATE_FILE,
     )
     # Written last: a checkpoint folder without it is incomplete.
@@ -306,7 +350,8 @@ def _restore(checkpoint, network, optimizer, scheduler):
         best = torch.load(directory / BEST_WEIGHTS_FILE, map_location="cpu", weights_only=True)
         saved = torch.load(directory / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
+    if scheduler is not None and saved.get("scheduler") is not None:
+        scheduler.load_state_dict(saved["scheduler"])
     logger.info("Resuming after epoch %d (best epoch %d)", state.epoch, state.best_epoch)
     return state, best
 

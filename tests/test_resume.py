@@ -45,11 +45,15 @@ def _first_checkpoint(storage):
     return next(storage.glob("ccflow-*/attempt-*/checkpoint_epoch_*/checkpoint.json"), None)
 
 
-def test_killed_run_resumes_without_gap(fnc_sample_dir, mlflow_backend, ray_cluster, tmp_path):
+# The plateau scheduler has a state that the checkpoint must carry. The cosine schedule
+# follows the epoch and elapsed time that the loop state carries.
+@pytest.mark.parametrize("schedule", ["cosine", "plateau"])
+def test_killed_run_resumes_without_gap(schedule, fnc_sample_dir, mlflow_backend, ray_cluster, tmp_path):
     import ray
 
     storage = tmp_path / "checkpoints"
-    script = TRAINING_SCRIPT.format(settings=repr(SETTINGS))
+    settings = {**SETTINGS, "lr_schedule": schedule}
+    script = TRAINING_SCRIPT.format(settings=repr(settings))
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_backend, "PYTHONPATH": str(REPO_ROOT)}
     env.pop("MLFLOW_RUN_ID", None)
     process = subprocess.Popen(
@@ -69,7 +73,7 @@ def test_killed_run_resumes_without_gap(fnc_sample_dir, mlflow_backend, ray_clus
     _wait_for(lambda: ray.available_resources().get("CPU", 0) >= 2, 120, "Ray to free the CPUs")
     killed_steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val_loss")]
 
-    result = train(TrainConfig(data=fnc_sample_dir, storage_path=str(storage), resume=run_id, **SETTINGS))
+    result = train(TrainConfig(data=fnc_sample_dir, storage_path=str(storage), resume=run_id, **settings))
 
     client = mlflow.MlflowClient()
     assert result.run_id == run_id
@@ -79,6 +83,12 @@ def test_killed_run_resumes_without_gap(fnc_sample_dir, mlflow_backend, ray_clus
         assert sorted(steps) == list(range(EPOCHS)), key
     assert client.get_run(run_id).info.status == "FINISHED"
     assert len(list(storage.glob(f"ccflow-{run_id}/attempt-*"))) == 2
+    lrs = [m.value for m in sorted(client.get_metric_history(run_id, "lr"), key=lambda m: m.step)]
+    assert lrs[0] == pytest.approx(1e-3)
+    if schedule == "cosine":
+        assert lrs[0] > lrs[1] > lrs[2]
+    else:
+        assert lrs[0] >= lrs[1] >= lrs[2]
 
 
 def test_resume_rejects_changed_loss(fnc_sample_dir, mlflow_backend, tmp_path):

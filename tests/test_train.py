@@ -8,6 +8,7 @@ import pytest
 from ccflow import REGISTERED_MODEL_NAME
 from ccflow.postprocess import PostprocessConfig
 from ccflow.train import TrainConfig
+from ccflow.train_loop import cosine_lr, training_progress
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +33,7 @@ def test_training_logs_params_and_history(trained_fnc_model):
     for key in ("train_loss", "val_loss", "val_det_f1", "lr"):
         history = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in history] == [0, 1], key
+    assert run.data.params["lr_schedule"] == "plateau"
     assert "eval_count_mape" in run.data.metrics
     assert 0.0 <= run.data.metrics["eval_det_f1"] <= 1.0
 
@@ -76,3 +78,29 @@ def test_params_are_flat():
     assert params["postprocess_min_size_px"] == 150
     assert all(not isinstance(v, dict) for v in params.values())
     json.dumps(params)
+
+
+def test_config_rejects_unknown_schedule():
+    with pytest.raises(ValueError, match="Invalid lr_schedule='step'"):
+        TrainConfig(lr_schedule="step").validate()
+
+
+@pytest.mark.parametrize(
+    ("progress", "expected"),
+    [(0.0, 1e-3), (0.5, 0.505e-3), (1.0, 1e-5), (1.7, 1e-5), (-0.2, 1e-3)],
+)
+def test_cosine_lr_values(progress, expected):
+    # Half-way, cos(pi / 2) = 0, so the rate is the mean of the start and the 1 % floor.
+    assert cosine_lr(1e-3, progress) == pytest.approx(expected)
+
+
+def test_progress_follows_epochs_when_time_is_left():
+    assert training_progress(10, 40, elapsed_s=60.0, max_minutes=10.0) == pytest.approx(0.25)
+
+
+def test_progress_follows_time_when_budget_binds():
+    assert training_progress(2, 40, elapsed_s=270.0, max_minutes=9.0) == pytest.approx(0.5)
+
+
+def test_progress_stops_at_one():
+    assert training_progress(5, 40, elapsed_s=700.0, max_minutes=9.0) == 1.0
