@@ -7,7 +7,12 @@ predicts in seconds on a CPU.
 import io
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import textwrap
+import time
 
 import cv2
 import mlflow
@@ -20,7 +25,7 @@ from typer.testing import CliRunner
 from ccflow.batch import CountJobConfig, _OutputFiles, run_count_job
 from ccflow.cli import app
 from ccflow.storage import BucketNotFoundError
-from tests.conftest import FNC_SAMPLE_COUNTS, TEST_EXPERIMENT
+from tests.conftest import FNC_SAMPLE_COUNTS, REPO_ROOT, TEST_EXPERIMENT
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -368,6 +373,75 @@ def test_interrupted_run_restarts_exactly_once(small_images, trained_fnc_model, 
     assert manifest["images_skipped"] == 1
     assert sorted(counts["file"]) == sorted(small_images)
     assert sorted(ledger["file"]) == sorted(small_images)
+    per_file = cells.groupby("file").size()
+    for row in counts.itertuples():
+        assert per_file.get(row.file, 0) == row.count
+
+
+COUNT_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import ray
+    from ccflow.batch import CountJobConfig, run_count_job
+
+    ray.init(address=sys.argv[1], configure_logging=False)
+    run_count_job(CountJobConfig(sys.argv[2], sys.argv[3], sys.argv[4], batch_size=1,
+                                 concurrency=1, experiment=None, energy=False, overlays=False))
+    """
+)
+
+
+def _ledger_rows(output) -> int:
+    path = output / "ledger.csv"
+    if not path.is_file():
+        return 0
+    return max(0, len(path.read_text().splitlines()) - 1)
+
+
+def test_killed_job_restarts_exactly_once(small_images, trained_fnc_model, ray_cluster, mlflow_backend, tmp_path):
+    import ray
+
+    # Twelve images give the kill a window of several batches after the first one ends.
+    source = tmp_path / "in"
+    source.mkdir()
+    for copy in range(3):
+        for name, data in small_images.items():
+            (source / f"copy{copy}_{name}").write_bytes(data)
+    names = sorted(p.name for p in source.iterdir())
+    output = tmp_path / "out"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_backend, "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.Popen(
+        [sys.executable, "-c", COUNT_SCRIPT, ray.get_runtime_context().gcs_address,
+         str(source), str(output), trained_fnc_model.model_uri],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while _ledger_rows(output) == 0 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert process.poll() is None, "the job ended before it could be killed"
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    finished_before_kill = _ledger_rows(output)
+    # Ray frees the killed driver's actors once it notices the driver is gone.
+    deadline = time.monotonic() + 120
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+    manifest = run_count_job(CountJobConfig(
+        str(source), str(output), trained_fnc_model.model_uri,
+        batch_size=4, concurrency=1, experiment=None, energy=False, overlays=False,
+    ))
+
+    counts = pd.read_csv(output / "counts.csv")
+    cells = pd.read_csv(output / "cells.csv")
+    ledger = pd.read_csv(output / "ledger.csv")
+    assert 0 < finished_before_kill < len(names)
+    assert manifest["images_skipped"] == finished_before_kill
+    assert manifest["images_counted"] == len(names) - finished_before_kill
+    assert sorted(counts["file"]) == names
+    assert sorted(ledger["file"]) == names
     per_file = cells.groupby("file").size()
     for row in counts.itertuples():
         assert per_file.get(row.file, 0) == row.count
