@@ -8,7 +8,7 @@ per image and pooled, and writes them as JSON.
 
 Usage (from the repository root, environment of the README set-up step)::
 
-    python benchmarks/accuracy.py --data ../shared/data/fnc-yellow-sample --minutes 6
+    python benchmarks/accuracy.py --data ../shared/data/fnc-yellow-sample
 
 Runs go to a temporary SQLite MLflow backend unless ``--tracking-uri`` is given.
 """
@@ -48,10 +48,13 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data/fnc-yellow-sample"),
                         help="labelled folder with images/ and masks/")
-    parser.add_argument("--minutes", type=float, default=6.0,
-                        help="training budget per fold, in minutes of wall-clock time")
+    parser.add_argument("--minutes", type=float, default=TrainConfig.max_minutes,
+                        help="training budget per fold, in minutes of wall-clock time "
+                        "(default: the budget of a default training run)")
     parser.add_argument("--scale", type=float, default=0.5, help="resampling before the network")
     parser.add_argument("--loss", default="focal", help="training loss")
+    parser.add_argument("--lr-schedule", default="plateau", choices=("plateau", "cosine"),
+                        help="learning-rate schedule")
     parser.add_argument("--base-width", type=int, default=16, help="c-ResUnet base width")
     parser.add_argument("--crop-size", type=int, default=512, help="training crop side, original px")
     parser.add_argument("--seed", type=int, default=0, help="training seed")
@@ -75,6 +78,7 @@ def run_fold(args, samples, held_out, workdir: Path) -> dict:
     config = TrainConfig(
         data=fold_dir,
         loss=args.loss,
+        lr_schedule=args.lr_schedule,
         base_width=args.base_width,
         crop_size=args.crop_size,
         scale=args.scale,
@@ -154,7 +158,8 @@ def main() -> None:
     print()
     print(f"machine: {platform.processor() or platform.machine()}, "
           f"{__import__('os').cpu_count()} CPUs; budget {args.minutes} min per fold, "
-          f"scale {args.scale}, loss {args.loss}, base width {args.base_width}; "
+          f"scale {args.scale}, loss {args.loss}, {args.lr_schedule} schedule, "
+          f"base width {args.base_width}; "
           f"total {(time.monotonic() - started) / 60:.1f} min")
     print_report(folds, pooled)
     if args.output:
