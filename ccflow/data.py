@@ -371,7 +371,8 @@ def list_samples(root: Path | str, require_masks: bool) -> list[Sample]:
         same stem, or (with ``require_masks``) lacks ``images/`` or a mask for some image.
         One error lists every image without a mask.
     """
-    root = Path(root)
+    # Absolute paths, because Ray workers that read the samples run in another folder.
+    root = Path(root).absolute()
     if not root.exists():
         raise DatasetError(f"{root}: dataset folder not found. Check the path.")
     if not root.is_dir():

@@ -557,3 +557,13 @@ def test_crop_dataset_rejects_mismatch() -> None:
         CropDataset(images, masks[:1], crop_size=64, length=2, augment=False)
     with pytest.raises(ValueError, match=r"masks\[0\]"):
         CropDataset(images[:1], [masks[0][:10]], crop_size=64, length=2, augment=False)
+
+
+def test_list_samples_relative_path_absolute(fnc_sample_dir, monkeypatch) -> None:
+    monkeypatch.chdir(fnc_sample_dir.parent)
+    samples = list_samples(Path(fnc_sample_dir.name), require_masks=True)
+
+    assert len(samples) == 4
+    for sample in samples:
+        assert sample.image_path.is_absolute()
+        assert sample.mask_path.is_absolute()
